@@ -10,6 +10,7 @@ LPS world coordinates. Every writer in the package goes through
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -57,6 +58,11 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(final.suffixes)
+    # A job killed with SIGKILL cannot remove its temporary file; the next
+    # attempt at the same output removes it. Snakemake never runs two jobs for
+    # one output at a time, so no other writer can own such a file.
+    for stale in final.parent.glob(f".{glob.escape(final.name)}.*.partial{glob.escape(suffix)}"):
+        stale.unlink(missing_ok=True)
     handle, temporary_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".partial{suffix}", dir=final.parent)
     os.close(handle)
     temporary = Path(temporary_name)

@@ -195,6 +195,18 @@ def test_io_atomic_output_keeps_previous_on_failure(tmp_path):
     assert os.stat(target).st_mode & 0o044 == 0o044, "output should be readable by group and others like any new file"
 
 
+def test_io_atomic_output_removes_stale_partial_files(tmp_path):
+    stale = tmp_path / ".brain.nii.gz.abc123.partial.nii.gz"
+    stale.write_bytes(b"left by a killed job")
+    unrelated = tmp_path / ".mask.nii.gz.abc123.partial.nii.gz"
+    unrelated.write_bytes(b"another output's file")
+    with atomic_output(tmp_path / "brain.nii.gz") as temporary:
+        temporary.write_bytes(b"complete")
+    assert not stale.exists()
+    assert unrelated.exists()
+    assert (tmp_path / "brain.nii.gz").read_bytes() == b"complete"
+
+
 def test_io_arrays_round_trip_and_object_rejected(tmp_path):
     write_arrays(tmp_path / "a.npz", images=np.ones((2, 4, 4), np.float32), subject=np.array(["a", "bc"]))
     arrays = read_arrays(tmp_path / "a.npz")
