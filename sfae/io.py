@@ -32,6 +32,9 @@ VolumeKind = Literal["image", "mask", "segmentation"]
 # LPS+: the first two world axes change sign between the two conventions.
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
+# Largest distance from 0 or 1 that a mask value stored as float may have.
+BINARY_TOLERANCE = 1e-3
+
 # A volume smaller than this along any axis cannot be a brain MRI scan.
 MIN_VOXELS_PER_AXIS = 8
 
@@ -222,17 +225,21 @@ def read_volume(path: str | os.PathLike[str], kind: VolumeKind = "image") -> sit
             raise InvalidInputError(f"NIfTI file {path} is all zeros; it holds no image, so remove it from the data set")
         return array_to_image(values, affine)
 
+    # Masks stored as scaled floats read back as 0.99999994 and the like, so
+    # values within BINARY_TOLERANCE of 0 or 1 count as binary.
     unique = np.unique(data)
-    if not np.all(np.isin(unique, (0, 1))):
+    rounded = np.round(unique) if np.issubdtype(unique.dtype, np.floating) else unique
+    if not np.all(np.isin(rounded, (0, 1))) or np.max(np.abs(unique - rounded), initial=0) > BINARY_TOLERANCE:
         shown = ", ".join(f"{value:g}" for value in unique[:8])
         raise InvalidInputError(
             f"{kind} {path} is not binary (values {shown}{', ...' if unique.size > 8 else ''}); "
             "expected only 0 and 1. Resampling with linear interpolation makes labels non-binary: "
             "resample segmentations with nearest-neighbour interpolation"
         )
-    if kind == "mask" and not np.any(data):
+    binary = np.round(data).astype(np.uint8) if np.issubdtype(data.dtype, np.floating) else data.astype(np.uint8)
+    if kind == "mask" and not np.any(binary):
         raise InvalidInputError(f"brain mask {path} is empty; check the skull stripping output for this scan")
-    return array_to_image(data.astype(np.uint8), affine)
+    return array_to_image(binary, affine)
 
 
 def binarize_labels(path: str | os.PathLike[str]) -> sitk.Image:

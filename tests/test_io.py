@@ -135,6 +135,17 @@ def test_io_mask_must_be_binary(tmp_path):
         read_volume(path, kind="mask")
 
 
+def test_io_mask_stored_as_scaled_float_accepted(tmp_path):
+    data = np.zeros((16, 16, 12), np.float32)
+    data[4:12, 4:12, 3:9] = 0.99999994
+    data[5, 5, 5] = 1.0000001
+    mask = read_volume(save_nifti(tmp_path / "mask.nii.gz", data), kind="mask")
+    assert sitk.GetArrayFromImage(mask).sum() == 8 * 8 * 6
+    data[6, 6, 6] = 0.9
+    with pytest.raises(InvalidInputError, match="is not binary"):
+        read_volume(save_nifti(tmp_path / "mask.nii.gz", data), kind="mask")
+
+
 def test_io_empty_mask_rejected_empty_segmentation_accepted(tmp_path):
     path = save_nifti(tmp_path / "mask.nii.gz", np.zeros((16, 16, 12), np.uint8))
     with pytest.raises(InvalidInputError, match="brain mask .* is empty"):
