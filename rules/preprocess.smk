@@ -23,7 +23,8 @@ rule extract_brain:
         f"{LOGS}/{{dataset}}/{{subject}}/extract_brain.log",
     benchmark:
         f"{BENCHMARKS}/{{dataset}}/{{subject}}/extract_brain.tsv"
-    threads: 1
+    # ROBEX 1.2 keeps two cores busy.
+    threads: 2
     resources:
         mem_mb=4000,
         runtime=60,
