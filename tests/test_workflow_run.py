@@ -37,22 +37,27 @@ def resample(image: sitk.Image, spacing: float, interpolator=sitk.sitkLinear) ->
 
 
 def small_brain(path: Path, mask_path: Path | None = None) -> sitk.Image:
-    """A demo volume at 3 mm, skull-stripped with its own mask when one is given."""
+    """A skull-stripped demo volume at 3 mm, exactly zero outside its brain as real skull-stripped scans are.
+
+    The brain is the volume's own mask when one is given, else its non-zero voxels.
+    """
     image = read_volume(path)
-    if mask_path is not None:
-        image = sitk.Mask(image, read_volume(mask_path, kind="mask"))
-    return resample(image, SPACING_MM)
+    mask = read_volume(mask_path, kind="mask") if mask_path is not None else sitk.Cast(image != 0, sitk.sitkUInt8)
+    small_mask = resample(sitk.Cast(mask, sitk.sitkFloat32), SPACING_MM) > 0.5
+    return sitk.Mask(resample(sitk.Mask(image, mask), SPACING_MM), small_mask)
 
 
-def tumour_like(atlas: sitk.Image, center_mm: tuple[float, float, float]) -> sitk.Image:
-    """BraTS-style labels (1, 2, 4 in nested spheres) on the atlas grid."""
+def tumour_like(atlas: sitk.Image, offset_mm: tuple[float, float, float]) -> sitk.Image:
+    """BraTS-style labels (1, 2, 4 in nested spheres) on the atlas grid, ``offset_mm`` from the grid's centre."""
+    centre_index = [(size - 1) / 2 for size in atlas.GetSize()]
+    center_mm = np.array(atlas.TransformContinuousIndexToPhysicalPoint(centre_index)) + np.array(offset_mm)
     labels = sitk.Image(atlas.GetSize(), sitk.sitkUInt8)
     labels.CopyInformation(atlas)
     array = sitk.GetArrayViewFromImage(labels).copy()
     indices = np.indices(array.shape).reshape(3, -1).T[:, ::-1]  # (x, y, z) voxel indices
     direction = np.array(atlas.GetDirection()).reshape(3, 3)
     points = np.array(atlas.GetOrigin()) + (indices * np.array(atlas.GetSpacing())) @ direction.T
-    distance = np.linalg.norm(points - np.array(center_mm), axis=1).reshape(array.shape)
+    distance = np.linalg.norm(points - center_mm, axis=1).reshape(array.shape)
     array[distance < 18] = 2
     array[distance < 12] = 1
     array[distance < 6] = 4
@@ -65,7 +70,7 @@ def tumour_like(atlas: sitk.Image, center_mm: tuple[float, float, float]) -> sit
 def small_study(tmp_path_factory, demo_files):
     """A data root with MOOD-, BIDS- and BraTS-layout trees of small real volumes, and a config for them."""
     root = tmp_path_factory.mktemp("study")
-    atlas = resample(read_volume(demo_files["sri24_t1_skullstripped"]), SPACING_MM)
+    atlas = small_brain(demo_files["sri24_t1_skullstripped"])
     sitk.WriteImage(atlas, str(root / "atlas.nii.gz"))
 
     # MOOD layout: four skull-stripped scans.
@@ -85,8 +90,8 @@ def small_study(tmp_path_factory, demo_files):
     write_bids_tree(root / "CamCAN" / "BIDS", ["CC110033"], source=root / "with_skull.nii.gz")
 
     # BraTS layout: skull-stripped scans on the atlas grid with tumour labels.
-    sitk.WriteImage(tumour_like(atlas, (10.0, -20.0, 25.0)), str(root / "seg_a.nii.gz"))
-    sitk.WriteImage(tumour_like(atlas, (-30.0, 0.0, 40.0)), str(root / "seg_b.nii.gz"))
+    sitk.WriteImage(tumour_like(atlas, (15.0, 10.0, 10.0)), str(root / "seg_a.nii.gz"))
+    sitk.WriteImage(tumour_like(atlas, (-25.0, 0.0, 20.0)), str(root / "seg_b.nii.gz"))
     write_brats_tree(
         root / "BraTS2020" / "MICCAI_BraTS2020_TrainingData", 3, source=root / "atlas.nii.gz",
         segmentation=lambda number: root / ("seg_a.nii.gz" if number % 2 else "seg_b.nii.gz"),
@@ -121,17 +126,21 @@ def run(command: list[str], timeout: float = 900) -> subprocess.CompletedProcess
 
 def kill_during_robex(command: list[str], log: Path, robex_output: Path) -> None:
     """Start the workflow, SIGKILL it and its jobs while ROBEX runs, as a cluster node failure would."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    output = log.parents[4] / "killed_run.txt"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with open(output, "w") as stream:
+        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 600
         while not (log.exists() and "ROBEX" in log.read_text()):
-            assert process.poll() is None, "the workflow ended before ROBEX started"
+            assert process.poll() is None, f"the workflow ended before ROBEX started:\n{output.read_text()[-4000:]}"
             assert time.monotonic() < deadline, "ROBEX did not start within 10 minutes"
             time.sleep(0.5)
         time.sleep(3)
         assert not robex_output.exists(), "ROBEX finished too early for this test"
     finally:
-        os.killpg(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait()
 
 

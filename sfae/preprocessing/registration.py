@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from sfae.io import InvalidInputError, atomic_output, read_volume, require_same_grid, same_grid, write_json, write_volume
+from sfae.io import InvalidInputError, atomic_output, binarize_labels, read_volume, require_same_grid, same_grid, write_json, write_volume
 from sfae.preprocessing.qc import write_registration_qc
 
 logger = logging.getLogger(__name__)
@@ -133,9 +133,10 @@ def register_volume(
     Args:
         brain_path: Skull-stripped brain (float32, 0 outside the brain).
         mask_path: Its brain mask (0 and 1), on the same grid.
-        segmentation_path: Lesion segmentation of 0 and 1 on the brain's grid,
-            or None for a healthy scan. Multi-class labels (BraTS) must be
-            merged first, for example with :func:`sfae.io.binarize_labels`.
+        segmentation_path: Lesion segmentation on the brain's grid, or None
+            for a healthy scan. Every label above 0 counts as lesion, so the
+            BraTS tumour classes 1, 2 and 4 merge into one mask; fractional or
+            negative labels are rejected.
         atlas_path: Skull-stripped atlas; its non-zero voxels are the atlas brain mask.
         image_out: Output ``.nii.gz``: float32 brain on the atlas grid (linear
             interpolation), 0 outside the registered mask.
@@ -182,7 +183,8 @@ def register_volume(
     brain = sitk.Mask(brain, mask, outsideValue=0.0)
     segmentation = None
     if segmentation_path is not None:
-        segmentation = read_volume(segmentation_path, kind="segmentation")
+        # Every label above 0 is lesion: BraTS tumour classes 1, 2 and 4 merge into one mask.
+        segmentation = binarize_labels(segmentation_path)
         require_same_grid(segmentation, brain, segmentation_path, brain_path)
 
     # 2. Estimate the transform, or check the grid of a scan that is already registered.
