@@ -1,0 +1,1 @@
+"""Network modules: the SFAE feature extractor and autoencoder, and the baselines."""
