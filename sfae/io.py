@@ -1,9 +1,9 @@
 """Reading, validating and atomically writing volumes and array files.
 
-All NIfTI reading goes through :func:`read_volume`, which decodes the whole file
-with nibabel (so a truncated gzip stream raises instead of returning a partly
-zero volume, which SimpleITK 2.5 does) and converts it to a SimpleITK image in
-LPS world coordinates. Every writer in the package goes through
+All NIfTI reading goes through :func:`read_volume`. It decodes the whole file
+with nibabel, so a truncated gzip stream raises (SimpleITK 2.5 returns a partly
+zero volume instead), and converts it to a SimpleITK image in LPS world
+coordinates. Every writer in the package goes through
 :func:`atomic_output`, so an output file is either complete or absent.
 """
 
@@ -222,7 +222,7 @@ def read_volume(path: str | os.PathLike[str], kind: VolumeKind = "image") -> sit
                 "replace them (for example with 0) or export the scan again"
             )
         if not np.any(values):
-            raise InvalidInputError(f"NIfTI file {path} is all zeros; it holds no image, so remove it from the data set")
+            raise InvalidInputError(f"NIfTI file {path} is all zeros, so it contains no image; remove it from the data set")
         return array_to_image(values, affine)
 
     # Masks stored as scaled floats read back as 0.99999994 and the like, so
@@ -246,7 +246,7 @@ def binarize_labels(path: str | os.PathLike[str]) -> sitk.Image:
     """Read an integer label map (for example BraTS tumour classes) and merge every label > 0 into 1.
 
     Raises:
-        InvalidInputError: If the file cannot be read, or holds negative or
+        InvalidInputError: If the file cannot be read, or contains negative or
             fractional labels (a sign of linear resampling).
     """
     path = Path(path)

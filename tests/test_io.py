@@ -159,7 +159,8 @@ def test_io_binarize_merges_tumour_labels(tmp_path):
     labels[2, 2, 2], labels[3, 3, 3], labels[4, 4, 4] = 1, 2, 4
     image = binarize_labels(save_nifti(tmp_path / "seg.nii.gz", labels))
     array = sitk.GetArrayFromImage(image)
-    assert array.sum() == 3 and set(np.unique(array)) == {0, 1}
+    assert array.sum() == 3
+    assert set(np.unique(array)) == {0, 1}
 
 
 def test_io_binarize_rejects_fractional_labels(tmp_path):

@@ -135,7 +135,7 @@ def register_volume(
         mask_path: Its brain mask (0 and 1), on the same grid.
         segmentation_path: Lesion segmentation on the brain's grid, or None
             for a healthy scan. Every label above 0 counts as lesion, so the
-            BraTS tumour classes 1, 2 and 4 merge into one mask; fractional or
+            BraTS tumour classes 1, 2 and 4 merge into one mask. Fractional or
             negative labels are rejected.
         atlas_path: Skull-stripped atlas; its non-zero voxels are the atlas brain mask.
         image_out: Output ``.nii.gz``: float32 brain on the atlas grid (linear
