@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from sfae import ssim
 from sfae.io import InvalidInputError
+from sfae.models.base import AnomalyMethod, Prediction, register
 from sfae.models.feature_extractor import DEFAULT_LAYERS, ResNet18FeatureExtractor
 
 logger = logging.getLogger(__name__)
@@ -228,3 +230,42 @@ class SFAE(nn.Module):
 def _block(convolution: nn.Module, channels: int, dropout: float, negative_slope: float) -> nn.Sequential:
     """Return convolution, BatchNorm, LeakyReLU and channel dropout in sequence."""
     return nn.Sequential(convolution, nn.BatchNorm2d(channels), nn.LeakyReLU(negative_slope), nn.Dropout2d(dropout))
+
+
+@register
+class SFAEMethod(AnomalyMethod):
+    """SFAE as a benchmark method: the :class:`SFAE` network behind the common method interface.
+
+    Settings (config ``methods.sfae``): ``layers`` (ResNet18 stages),
+    ``weights`` (``imagenet``, ``random`` or a state-dict path) and
+    ``window_size`` of the SSIM. Random extractor weights are drawn from the
+    run's training seed, so each seed has its own extractor.
+    """
+
+    name = "sfae"
+
+    def __init__(self, settings: Mapping[str, Any], *, seed: int, image_size: int) -> None:
+        super().__init__(settings, seed=seed, image_size=image_size)
+        self.network = SFAE(
+            layers=tuple(settings.get("layers", DEFAULT_LAYERS)),
+            weights=settings.get("weights", "random"),
+            seed=seed,
+            window_size=settings.get("window_size", ssim.SFAE_WINDOW_SIZE),
+        )
+        if image_size % self.network.input_multiple:
+            raise InvalidInputError(
+                f"SFAE with layers {list(self.network.extractor.layers)} needs slices whose size is a multiple of "
+                f"{self.network.input_multiple} pixels, got {image_size}; set preprocessing.slices.size accordingly"
+            )
+
+    def loss(self, images: Tensor, masks: Tensor) -> Tensor:
+        """Return 1 - mean SSIM between the features of ``images`` and their reconstruction."""
+        return self.network.loss(images)
+
+    def predict(self, images: Tensor, masks: Tensor) -> Prediction:
+        """Return 1 - SSIM averaged over feature channels, at the slice size; scores come from the maps."""
+        return Prediction(maps=self.network.anomaly_map(images))
+
+    def describe(self) -> dict[str, Any]:
+        """Return the method, its settings and the extractor weights that were used."""
+        return {**super().describe(), "extractor_weights": str(self.settings.get("weights", "random"))}
