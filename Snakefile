@@ -20,10 +20,17 @@ if not workflow.overwrite_configfiles:
 include: "rules/common.smk"
 include: "rules/data.smk"
 include: "rules/preprocess.smk"
+include: "rules/methods.smk"
 
 
 rule all:
-    """Preprocess every data set that an experiment trains on or evaluates."""
+    """Preprocess the data sets, train and evaluate every method for every seed, and write each experiment's report."""
     default_target: True
     input:
         all_targets(),
+
+
+rule preprocess:
+    """Only preprocess: the training and evaluation splits of every experiment and the registration QC tables."""
+    input:
+        preprocessing_targets(),

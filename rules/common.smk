@@ -82,8 +82,16 @@ for _dataset in USED_DATASETS:
             )
 
 
+EXPERIMENTS = sorted(config["experiments"])
+METHODS = list(config["methods"])
+SEEDS = config["training"]["seeds"]
+
+
 wildcard_constraints:
     dataset="|".join(USED_DATASETS),
+    experiment="|".join(EXPERIMENTS),
+    method="|".join(METHODS),
+    seed=r"\d+",
     subject=SUBJECT_ID_PATTERN.pattern.strip("^$"),
     split="|".join(SPLITS),
     kind="|".join(ANOMALY_KINDS),
@@ -93,6 +101,9 @@ wildcard_constraints:
 VOLUME = f"{RESULTS}/{{dataset}}/volumes/{{subject}}"
 SPLIT_FILE = f"{RESULTS}/{{dataset}}/splits/{{split}}.npz"
 ANOMALY_FILE = f"{RESULTS}/{{dataset}}/splits/{{split}}_{{kind}}.npz"
+RUN = f"{RESULTS}/experiments/{{experiment}}/{{method}}/seed{{seed}}"
+REPORT = f"{RESULTS}/experiments/{{experiment}}/report"
+REPORT_FILES = ("summary.md", "summary.csv", "results_per_seed.csv", "t_tests.csv", "bar_chart.png", "qualitative.png")
 LOGS = f"{RESULTS}/logs"
 BENCHMARKS = f"{RESULTS}/benchmarks"
 
@@ -172,5 +183,46 @@ def preprocessing_targets():
     return targets
 
 
+def get_training_split(wildcards):
+    return training_file(config["experiments"][wildcards.experiment]["train"])
+
+
+def get_evaluation_splits(wildcards):
+    dataset = config["experiments"][wildcards.experiment]["evaluate"]
+    return {"val": evaluation_file(dataset, "val"), "test": evaluation_file(dataset, "test")}
+
+
+def get_method_training(wildcards):
+    """Training settings of one method: the shared ones with its own steps and batch size, when set."""
+    training = dict(config["training"])
+    method = config["methods"][wildcards.method]
+    for key in ("steps", "batch_size"):
+        if key in method:
+            training[key] = method[key]
+    return training
+
+
+def get_method_settings(wildcards):
+    """A method's own settings, without the training overrides."""
+    return {key: value for key, value in config["methods"][wildcards.method].items() if key not in ("steps", "batch_size")}
+
+
+def get_data_note(wildcards):
+    """The demo data note when an experiment trains or evaluates on demo volumes, else None."""
+    experiment = config["experiments"][wildcards.experiment]
+    layouts = {config["datasets"][experiment[role]]["layout"] for role in ("train", "evaluate")}
+    return demo_data.DEMO_DATA_NOTE if "demo" in layouts else None
+
+
+def get_experiment_runs(wildcards):
+    """Metrics and examples of every method and seed of one experiment."""
+    runs = [f"{RESULTS}/experiments/{wildcards.experiment}/{method}/seed{seed}" for method in METHODS for seed in SEEDS]
+    return {"metrics": [f"{run}/metrics.json" for run in runs], "examples": [f"{run}/examples.npz" for run in runs]}
+
+
+def report_targets():
+    return [f"{RESULTS}/experiments/{experiment}/report/{name}" for experiment in EXPERIMENTS for name in REPORT_FILES]
+
+
 def all_targets():
-    return preprocessing_targets()
+    return preprocessing_targets() + report_targets()

@@ -101,6 +101,19 @@ def validate_config(config: Any, source: str = "the configuration") -> None:
     for name, experiment in config["experiments"].items():
         _validate_experiment(name, experiment, config["datasets"], source)
 
+    evaluation = config["evaluation"]
+    if evaluation["reference_method"] not in config["methods"]:
+        raise ConfigError(
+            f"{source}: evaluation.reference_method {evaluation['reference_method']!r} is not among the configured "
+            f"methods ({', '.join(config['methods'])}); add it to methods or choose another"
+        )
+    seeds = config["training"]["seeds"]
+    if evaluation["t_tests"] and len(seeds) < 2:
+        raise ConfigError(
+            f"{source}: training.seeds has {len(seeds)} seed, but the Welch t-tests need at least two; "
+            "add seeds or set evaluation.t_tests to false"
+        )
+
 
 def _validate_dataset(name: str, dataset: Mapping[str, Any], source: str) -> None:
     """Check the per-layout keys, the split sizes and the anomaly settings of one data set."""

@@ -169,3 +169,43 @@ def test_config_schema_documents_every_key():
 
     visit(copy.deepcopy(schema), "config")
     assert undocumented == []
+
+
+def test_config_t_tests_need_two_seeds(demo_config):
+    demo_config["training"]["seeds"] = [0]
+    with pytest.raises(ConfigError, match="Welch t-tests need at least two"):
+        validate_config(demo_config)
+    demo_config["evaluation"]["t_tests"] = False
+    validate_config(demo_config)
+
+
+def test_config_reference_method_configured(demo_config):
+    del demo_config["methods"]["sfae"]
+    with pytest.raises(ConfigError, match=r"evaluation.reference_method 'sfae' is not among the configured methods \(random\)"):
+        validate_config(demo_config)
+
+
+def test_config_unknown_method_rejected(demo_config):
+    demo_config["methods"]["sfea"] = {}
+    with pytest.raises(ConfigError, match=r"unknown key at methods.*sfea"):
+        validate_config(demo_config)
+
+
+def test_config_method_settings_checked(demo_config):
+    demo_config["methods"]["sfae"]["layers"] = ["layer4"]
+    with pytest.raises(ConfigError, match=r"methods\.sfae\.layers\.0"):
+        validate_config(demo_config)
+
+
+def test_config_duplicate_seeds_rejected(demo_config):
+    demo_config["training"]["seeds"] = [0, 0]
+    with pytest.raises(ConfigError, match=r"training\.seeds"):
+        validate_config(demo_config)
+
+
+def test_config_paper_training_budget(paper_config):
+    assert paper_config["training"]["steps"] == 10000
+    assert paper_config["training"]["batch_size"] == 64
+    assert paper_config["training"]["learning_rate"] == 0.0002
+    assert paper_config["training"]["seeds"] == [0, 1, 2, 3, 4]
+    assert paper_config["methods"]["sfae"]["weights"] == "imagenet"

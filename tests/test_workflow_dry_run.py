@@ -29,8 +29,12 @@ def test_workflow_demo_dry_run_job_counts(tmp_path):
         "registration_qc": 1,
         "make_split": 3,
         "add_anomalies": 2,
+        # SFAE and Random, five seeds each.
+        "train_method": 10,
+        "evaluate_method": 10,
+        "aggregate_experiment": 1,
         "all": 1,
-        "total": 30,
+        "total": 51,
     }
 
 
@@ -58,7 +62,13 @@ def test_workflow_paper_dry_run_job_counts(tmp_path, paper_data_root):
     assert counts["registration_qc"] == 3
     assert counts["fetch_atlas"] == 1
     assert "fetch_demo_volumes" not in counts
-    assert "results/mood/splits/test_sink.npz" in output.replace(str(tmp_path) + "/", "")
+    # Two experiments (MOOD; Cam-CAN to BraTS) x two methods x five seeds.
+    assert counts["train_method"] == 20
+    assert counts["evaluate_method"] == 20
+    assert counts["aggregate_experiment"] == 2
+    relative = output.replace(str(tmp_path) + "/", "")
+    assert "results/mood/splits/test_sink.npz" in relative
+    assert "results/experiments/brats/sfae/seed4/model.pt" in relative
     assert "BraTS20_Training_369_seg.nii.gz" in output
     assert "results/demo/" not in output, "the paper configuration must not inherit the demo data set"
 
@@ -77,9 +87,24 @@ def test_workflow_invalid_config_stops_before_jobs(tmp_path):
     assert "unknown key at the top level" in result.stdout + result.stderr
 
 
+def job_resources(output: str, rule: str) -> list[str]:
+    """The 'resources:' lines of every job of one rule in a dry run's output."""
+    lines = []
+    for block in output.split("\nrule ")[1:]:
+        if block.startswith(f"{rule}:"):
+            lines += [line.strip() for line in block.splitlines() if line.strip().startswith("resources:")]
+    return lines
+
+
 def test_workflow_slurm_profile_dry_run(tmp_path):
     output = dry_run(tmp_path, "--profile", "slurm", "--cores", "64")
-    assert job_counts(output)["total"] == 30
+    assert job_counts(output)["total"] == 51
+    training = job_resources(output, "train_method")
+    assert len(training) == 10
+    assert all("slurm_partition=SET:gpu_partition" in line and "gpu=1" in line for line in training)
+    registration = job_resources(output, "register")
+    assert len(registration) == 7
+    assert all("slurm_partition=SET:cpu_partition" in line and "gpu=" not in line for line in registration)
 
 
 def test_workflow_lint_clean():

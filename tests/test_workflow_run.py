@@ -152,13 +152,13 @@ def test_workflow_run_small_study_end_to_end(small_study, tmp_path):
     robex_log = results / "logs" / "camcan" / "sub-CC110033" / "extract_brain.log"
 
     # 1. A run killed half-way leaves no partial output of the killed job.
-    kill_during_robex(snakemake_command(tmp_path, config_path), robex_log, robex_volume / "brain.nii.gz")
+    kill_during_robex(snakemake_command(tmp_path, config_path, "preprocess"), robex_log, robex_volume / "brain.nii.gz")
     assert not (robex_volume / "brain.nii.gz").exists()
     assert not (robex_volume / "brain_mask.nii.gz").exists()
 
     # 2. The rerun resumes and completes.
     run(snakemake_command(tmp_path, config_path, "--unlock"))
-    run(snakemake_command(tmp_path, config_path, "--rerun-incomplete"))
+    run(snakemake_command(tmp_path, config_path, "preprocess", "--rerun-incomplete"))
 
     # 3. Splits: slices of 32 x 32, brain masks, subject ids, by subject.
     train = read_arrays(results / "mood" / "splits" / "train.npz")
@@ -199,7 +199,7 @@ def test_workflow_run_small_study_end_to_end(small_study, tmp_path):
     assert logs and all("finished" in log.read_text() for log in logs), [log for log in logs if "finished" not in log.read_text()]
     assert (results / "benchmarks" / "camcan" / "sub-CC110033" / "extract_brain.tsv").exists()
     assert not list(results.rglob("*.partial*"))
-    dry = run(snakemake_command(tmp_path, config_path, "-n"))
+    dry = run(snakemake_command(tmp_path, config_path, "preprocess", "-n"))
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
@@ -221,7 +221,7 @@ def test_workflow_run_corrupt_scan_fails_with_name(small_study, tmp_path):
     broken_config = tmp_path / "config.yaml"
     broken_config.write_text(yaml.safe_dump(config))
 
-    result = subprocess.run(snakemake_command(tmp_path, broken_config, "--keep-going"), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(snakemake_command(tmp_path, broken_config, "preprocess", "--keep-going"), capture_output=True, text=True, timeout=900)
     assert result.returncode != 0
     log = (tmp_path / "results" / "logs" / "mood" / "00001" / "extract_brain.log").read_text()
     assert f"cannot read NIfTI file {broken}" in log
