@@ -4,12 +4,13 @@ import torch
 
 from sfae.evaluation.evaluate import evaluate_files
 from sfae.logs import rule_logging
-from sfae.training import load_trained_method
+from sfae.training import load_trained_method, resolve_device
 
 with rule_logging(snakemake):
     torch.set_num_threads(snakemake.threads)
     evaluation = snakemake.params.evaluation
-    method = load_trained_method(snakemake.input.model, device=snakemake.params.device)
+    device = resolve_device(snakemake.params.device)
+    method = load_trained_method(snakemake.input.model, device=device)
     evaluate_files(
         method,
         snakemake.input.val,
@@ -23,5 +24,6 @@ with rule_logging(snakemake):
         max_fpr=evaluation["max_fpr"],
         top_fraction=evaluation["top_fraction"],
         batch_size=evaluation["batch_size"],
+        device=device,
         examples=evaluation["examples"],
     )
