@@ -77,7 +77,12 @@ def validate_config(config: Any, source: str = "the configuration") -> None:
         error = errors[0]
         if error.validator == "additionalProperties":
             raise ConfigError(f"{source}: unknown key at {_key_path(error)}: {error.message}; see config/schema.yaml for the valid keys")
-        raise ConfigError(f"{source}: invalid value at {_key_path(error)}: {error.message}")
+        message = error.message
+        if error.validator in ("oneOf", "anyOf") and "description" in error.schema:
+            # "is not valid under any of the given schemas" does not say what is valid.
+            allowed = " ".join(error.schema["description"].split())
+            message = f"{error.instance!r} is not allowed here. {allowed}"
+        raise ConfigError(f"{source}: invalid value at {_key_path(error)}: {message}")
 
     # 2. Rules across keys.
     for name, dataset in config["datasets"].items():

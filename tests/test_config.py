@@ -69,6 +69,12 @@ def test_config_invalid_value_named(demo_config, path, value, message):
         validate_config(demo_config)
 
 
+def test_config_split_size_error_says_what_is_allowed(demo_config):
+    demo_config["datasets"]["demo"]["split"]["train"] = "all"
+    with pytest.raises(ConfigError, match=r"split\.train: 'all' is not allowed here\. Number of subjects in this split, or \"rest\""):
+        validate_config(demo_config)
+
+
 def test_config_slice_range_ordered(demo_config):
     demo_config["preprocessing"]["slices"]["stop"] = 55
     with pytest.raises(ConfigError, match=r"stop \(55\) must be greater than start \(55\)"):

@@ -11,6 +11,7 @@ import SimpleITK as sitk
 
 from sfae.io import InvalidInputError, read_volume
 from sfae.preprocessing.qc import write_registration_qc
+from sfae.preprocessing import registration
 from sfae.preprocessing.registration import (
     RegistrationSettings,
     dice_overlap,
@@ -278,6 +279,23 @@ def test_register_volume_tiny_brain_fails_cleanly(atlas_3mm, tmp_path):
         )
     assert not any(path.exists() for path in outputs.values())
     assert not failed_qc_path(outputs["qc_out"]).exists()
+
+
+def test_register_volume_interrupt_is_not_bad_input(known_misalignment, atlas_3mm, tmp_path, monkeypatch):
+    """Ctrl-C during the optimization surfaces as an interrupt, not as an error blaming the scan."""
+
+    def interrupted(counts):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(registration, "_increment_last", interrupted)
+    outputs = _outputs(tmp_path / "out")
+    paths = known_misalignment["paths"]
+    with pytest.raises(KeyboardInterrupt, match="registration of subject moved_atlas was interrupted"):
+        register_volume(
+            paths["brain"], paths["mask"], None, atlas_3mm, **outputs, settings=SETTINGS, already_registered=False,
+            threads=1, subject="moved_atlas",
+        )
+    assert not any(path.exists() for path in outputs.values())
 
 
 def test_register_volume_already_registered_copies_on_grid(atlas_3mm, tmp_path):

@@ -198,6 +198,10 @@ def register_volume(
         try:
             transform, stages = estimate_atlas_transform(atlas, brain, settings)
         except RuntimeError as error:
+            # The progress callbacks only count iterations, so an error inside
+            # them is an interrupt (Ctrl-C) that SimpleITK wrapped, not bad input.
+            if "Python Callable" in str(error):
+                raise KeyboardInterrupt(f"registration of subject {subject} was interrupted") from error
             # ITK raises, for example, when every metric sample maps outside the brain image.
             reason = str(error).strip().splitlines()[-1].strip().rstrip(".")
             raise InvalidInputError(
