@@ -126,7 +126,8 @@ def plot_qualitative(
     """
     count, methods = len(images), list(maps)
     columns = 2 + 2 * len(methods)
-    figure = Figure(figsize=(1.45 * columns, 1.45 * count + 1.2))
+    # The constrained layout leaves room for the wrapped title above the column headers.
+    figure = Figure(figsize=(1.45 * columns, 1.45 * count + 1.2), layout="constrained")
     axes = figure.subplots(count, columns, squeeze=False)
     brain_labels = labels & masks
 

@@ -7,6 +7,7 @@ every registration takes a second or two.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,7 +26,7 @@ from sfae.io import read_arrays, read_volume
 from workflow_helpers import REPOSITORY
 
 SPACING_MM = 3.0
-SLICE_START, SLICE_STOP, SLICE_SIZE = 18, 45, 32  # slices 55 to 135 of the 1 mm SRI24 grid, at 3 mm
+SLICE_START, SLICE_STOP, SLICE_SIZE = 18, 45, 64  # slices 55 to 135 of the 1 mm SRI24 grid, at 3 mm
 
 
 def resample(image: sitk.Image, spacing: float, interpolator=sitk.sitkLinear) -> sitk.Image:
@@ -104,17 +105,21 @@ def small_study(tmp_path_factory, demo_files):
     config["preprocessing"]["registration"].update(shrink_factors=[2, 1], smoothing_sigmas_mm=[3.0, 0.0], iterations=60, min_dice=0.8)
     config["preprocessing"]["skull_strip"].update(max_brain_volume_ml=2600)
     config["datasets"]["mood"]["split"] = {"train": 2, "val": 1, "test": 1}
-    config["datasets"]["mood"]["anomalies"]["radius_px"] = [2.5, 5.0]
+    config["datasets"]["mood"]["anomalies"]["radius_px"] = [5.0, 10.0]
     config["datasets"]["brats2020"]["split"] = {"train": 0, "val": 1, "test": "rest"}
+    config["training"].update(seeds=[0, 1], steps=3, batch_size=8, checkpoint_every=2, threads=1, gpus=0, device="cpu")
+    config["methods"]["sfae"]["weights"] = "random"
+    config["evaluation"].update(batch_size=16, examples=2)
     config_path = root / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
     return root, config_path
 
 
-def snakemake_command(workdir: Path, config_path: Path, *arguments: str) -> list[str]:
+def snakemake_command(config_path: Path, *arguments: str) -> list[str]:
+    """Run the workflow with Snakemake's working folder (locks, metadata) beside the config."""
     return [
-        sys.executable, "-m", "snakemake", "--snakefile", str(REPOSITORY / "Snakefile"), "--directory", str(workdir),
-        "--configfile", str(config_path), "--cores", "2", *arguments,
+        sys.executable, "-m", "snakemake", "--snakefile", str(REPOSITORY / "Snakefile"),
+        "--directory", str(config_path.parent / "work"), "--configfile", str(config_path), "--cores", "2", *arguments,
     ]
 
 
@@ -145,22 +150,22 @@ def kill_during_robex(command: list[str], log: Path, robex_output: Path) -> None
 
 
 @pytest.mark.slow
-def test_workflow_run_small_study_end_to_end(small_study, tmp_path):
+def test_workflow_run_preprocessing_resumes_after_kill(small_study):
     root, config_path = small_study
     results = root / "results"
     robex_volume = results / "camcan" / "volumes" / "sub-CC110033"
     robex_log = results / "logs" / "camcan" / "sub-CC110033" / "extract_brain.log"
 
     # 1. A run killed half-way leaves no partial output of the killed job.
-    kill_during_robex(snakemake_command(tmp_path, config_path, "preprocess"), robex_log, robex_volume / "brain.nii.gz")
+    kill_during_robex(snakemake_command(config_path, "preprocess"), robex_log, robex_volume / "brain.nii.gz")
     assert not (robex_volume / "brain.nii.gz").exists()
     assert not (robex_volume / "brain_mask.nii.gz").exists()
 
     # 2. The rerun resumes and completes.
-    run(snakemake_command(tmp_path, config_path, "--unlock"))
-    run(snakemake_command(tmp_path, config_path, "preprocess", "--rerun-incomplete"))
+    run(snakemake_command(config_path, "--unlock"))
+    run(snakemake_command(config_path, "preprocess", "--rerun-incomplete"))
 
-    # 3. Splits: slices of 32 x 32, brain masks, subject ids, by subject.
+    # 3. Splits: slices of 64 x 64, brain masks, subject ids, by subject.
     train = read_arrays(results / "mood" / "splits" / "train.npz")
     slices_per_volume = SLICE_STOP - SLICE_START
     assert train["images"].shape == (2 * slices_per_volume, SLICE_SIZE, SLICE_SIZE)
@@ -199,7 +204,41 @@ def test_workflow_run_small_study_end_to_end(small_study, tmp_path):
     assert logs and all("finished" in log.read_text() for log in logs), [log for log in logs if "finished" not in log.read_text()]
     assert (results / "benchmarks" / "camcan" / "sub-CC110033" / "extract_brain.tsv").exists()
     assert not list(results.rglob("*.partial*"))
-    dry = run(snakemake_command(tmp_path, config_path, "preprocess", "-n"))
+    dry = run(snakemake_command(config_path, "preprocess", "-n"))
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+
+
+@pytest.mark.slow
+def test_workflow_run_trains_evaluates_reports(small_study):
+    """Both experiments, SFAE and Random, two seeds of three steps: models, metrics and reports."""
+    root, config_path = small_study
+    results = root / "results"
+    run(snakemake_command(config_path))
+
+    for experiment in ("mood", "brats"):
+        report = results / "experiments" / experiment / "report"
+        summary = (report / "summary.md").read_text()
+        assert "| random |" in summary
+        assert "| sfae |" in summary
+        assert "Feature-extractor weights: sfae: random" in summary
+        assert len(pd.read_csv(report / "results_per_seed.csv")) == 4
+        t_tests = pd.read_csv(report / "t_tests.csv")
+        assert set(t_tests["method"]) == {"random"}
+        for figure in ("bar_chart.png", "qualitative.png"):
+            assert (report / figure).stat().st_size > 1000
+
+    run_folder = results / "experiments" / "brats" / "sfae" / "seed1"
+    metrics = json.loads((run_folder / "metrics.json").read_text())
+    assert metrics["experiment"] == "brats"
+    assert metrics["seed"] == 1
+    assert 0.0 <= metrics["metrics"]["pixel_ap"] <= 1.0
+    assert metrics["description"]["extractor_weights"] == "random"
+    assert metrics["counts"]["test"]["anomalous_pixels"] > 0
+    training = json.loads((run_folder / "training.json").read_text())
+    assert training["steps"] == 3
+    assert len(pd.read_csv(run_folder / "loss.csv")) == 3
+    assert not (run_folder / "checkpoint" / "last.pt").exists()
+    dry = run(snakemake_command(config_path, "-n"))
     assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
@@ -221,7 +260,7 @@ def test_workflow_run_corrupt_scan_fails_with_name(small_study, tmp_path):
     broken_config = tmp_path / "config.yaml"
     broken_config.write_text(yaml.safe_dump(config))
 
-    result = subprocess.run(snakemake_command(tmp_path, broken_config, "preprocess", "--keep-going"), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(snakemake_command(broken_config, "preprocess", "--keep-going"), capture_output=True, text=True, timeout=900)
     assert result.returncode != 0
     log = (tmp_path / "results" / "logs" / "mood" / "00001" / "extract_brain.log").read_text()
     assert f"cannot read NIfTI file {broken}" in log
