@@ -450,7 +450,8 @@ def train_method(
             _run_steps(run, source, settings, checkpoint_path, fingerprint, device)
         else:
             logger.info("%s is not trainable; fitting it once on all %d slices", method_name, images.shape[0])
-            run.method.fit(source.images, source.masks)
+            slice_index = torch.from_numpy(read_arrays(split_path)["slice_index"].astype(np.int64))
+            run.method.fit(source.images, source.masks, slice_index.to(source.images.device))
         loop_seconds = time.perf_counter() - loop_started
 
         # 4. Write the outputs, then remove the checkpoint they make unnecessary.

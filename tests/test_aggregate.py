@@ -302,7 +302,7 @@ class MapsFromImages(AnomalyMethod):
         super().__init__({}, seed=seed, image_size=16)
         self.noise = np.random.default_rng(seed)
 
-    def predict(self, images, masks):
+    def predict(self, images, masks, slice_index=None):
         noise = self.noise.normal(scale=0.3, size=tuple(images.shape)).astype(np.float32)
         return Prediction(maps=images + images.new_tensor(noise))
 

@@ -37,7 +37,7 @@ class MapsFromImages(AnomalyMethod):
         self.transform = transform
         self.scores = scores
 
-    def predict(self, images, masks):
+    def predict(self, images, masks, slice_index=None):
         maps = images.clone() if self.transform is None else self.transform(images.clone(), masks)
         return Prediction(maps=maps, scores=None if self.scores is None else self.scores(maps))
 
@@ -53,7 +53,7 @@ class Recording(AnomalyMethod):
         self.maps: list[np.ndarray] = []
         self.scores: list[np.ndarray] = []
 
-    def predict(self, images, masks):
+    def predict(self, images, masks, slice_index=None):
         prediction = self.inner.predict(images, masks)
         self.maps.append(prediction.maps.detach().cpu().numpy()[:, 0])
         if prediction.scores is not None:

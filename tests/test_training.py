@@ -39,7 +39,7 @@ class TinyDropoutMethod(AnomalyMethod):
     def loss(self, images, masks):
         return F.mse_loss(self.network(images), images)
 
-    def predict(self, images, masks):
+    def predict(self, images, masks, slice_index=None):
         with torch.no_grad():
             return Prediction(maps=(self.network(images) - images).abs())
 

@@ -213,7 +213,8 @@ def _predict_batches(
         labels = torch.from_numpy(np.ascontiguousarray(split["labels"][rows]))[:, None].to(device)
 
         # Methods decide about autograd themselves: some need input gradients.
-        prediction = method.predict(images, masks)
+        slice_index = torch.from_numpy(np.ascontiguousarray(split["slice_index"][rows], dtype=np.int64)).to(device)
+        prediction = method.predict(images, masks, slice_index=slice_index)
         maps = prediction.maps.detach()
         where = f"method {method_name} on the {split_name} split (slices {rows.start} to {rows.stop - 1})"
         if tuple(maps.shape) != tuple(images.shape):

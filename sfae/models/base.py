@@ -92,16 +92,25 @@ class AnomalyMethod(nn.Module):
         optimizer.step()
         return {"loss": float(loss.detach())}
 
-    def fit(self, images: Tensor, masks: Tensor) -> None:
-        """Fit a statistical method on all training slices at once (methods with ``trainable = False``)."""
+    def fit(self, images: Tensor, masks: Tensor, slice_index: Tensor) -> None:
+        """Fit a statistical method on all training slices at once (methods with ``trainable = False``).
+
+        Args:
+            images: float32, ``(n, 1, height, width)``, in [0, 1].
+            masks: bool, ``(n, 1, height, width)``, brain masks.
+            slice_index: int64, ``(n,)``, each slice's axial index on the atlas
+                grid, for methods with statistics per position (BM).
+        """
         raise NotImplementedError(f"method {self.name} is trained by gradient steps, not fitted")
 
-    def predict(self, images: Tensor, masks: Tensor) -> Prediction:
+    def predict(self, images: Tensor, masks: Tensor, slice_index: Tensor | None = None) -> Prediction:
         """Return anomaly maps (and optionally image scores) for a batch of slices, in evaluation mode.
 
         Args:
             images: float32, ``(batch, 1, height, width)``, in [0, 1].
             masks: bool, ``(batch, 1, height, width)``, brain masks.
+            slice_index: int64, ``(batch,)``, axial indices on the atlas grid;
+                methods that do not need them ignore them.
         """
         raise NotImplementedError
 

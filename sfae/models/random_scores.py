@@ -26,10 +26,10 @@ class RandomScores(AnomalyMethod):
         super().__init__(settings, seed=seed, image_size=image_size)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def fit(self, images: Tensor, masks: Tensor) -> None:
+    def fit(self, images: Tensor, masks: Tensor, slice_index: Tensor) -> None:
         """Do nothing: uniform scores need no training data."""
 
-    def predict(self, images: Tensor, masks: Tensor) -> Prediction:
+    def predict(self, images: Tensor, masks: Tensor, slice_index: Tensor | None = None) -> Prediction:
         """Return uniform maps and independent uniform image scores, drawn in batch order on the CPU."""
         batch = images.shape[0]
         maps = torch.rand(images.shape, generator=self.generator, dtype=torch.float32)

@@ -262,7 +262,7 @@ class SFAEMethod(AnomalyMethod):
         """Return 1 - mean SSIM between the features of ``images`` and their reconstruction."""
         return self.network.loss(images)
 
-    def predict(self, images: Tensor, masks: Tensor) -> Prediction:
+    def predict(self, images: Tensor, masks: Tensor, slice_index: Tensor | None = None) -> Prediction:
         """Return 1 - SSIM averaged over feature channels, at the slice size; scores come from the maps."""
         return Prediction(maps=self.network.anomaly_map(images))
 
