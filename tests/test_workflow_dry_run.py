@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from layout_trees import write_bids_tree, write_brats_tree, write_mood_tree
@@ -111,3 +113,27 @@ def test_workflow_lint_clean():
     result = run_snakemake("--lint", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Lints for" not in result.stdout + result.stderr
+
+
+def test_workflow_rerun_one_method_schedules_only_its_jobs(tmp_path):
+    """After a complete run, forcing one method's models reruns its training, evaluation and the report only."""
+    results, cache = tmp_path / "results", tmp_path / "cache"
+    config = [f"results={results}", f"demo_cache={cache}"]
+    everything = run_snakemake("-n", "--forceall", "--cores", "2", "--config", *config).stdout
+
+    # Mark the whole workflow as done: create every output file.
+    outputs = [
+        path.strip()
+        for line in everything.splitlines()
+        if line.strip().startswith("output:")
+        for path in line.strip().removeprefix("output:").split(",")
+    ]
+    assert len(outputs) > 100
+    for path in outputs:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).touch()
+    assert "Nothing to be done" in run_snakemake("-n", "--cores", "2", "--config", *config).stdout
+
+    models = [str(results / "experiments" / "demo" / "random" / f"seed{seed}" / "model.pt") for seed in range(5)]
+    counts = job_counts(run_snakemake("-n", "--cores", "2", "--config", *config, "--forcerun", *models).stdout)
+    assert counts == {"train_method": 5, "evaluate_method": 5, "aggregate_experiment": 1, "all": 1, "total": 12}
