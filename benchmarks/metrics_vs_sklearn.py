@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,8 @@ import numpy as np
 # The script runs from a checkout where sfae need not be installed.
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
+
+from machine import cpu_model, peak_rss_mib  # noqa: E402  (benchmarks/machine.py, beside this script)
 
 logger = logging.getLogger("metrics_vs_sklearn")
 
@@ -70,18 +71,6 @@ MEMORY_RATIO_TARGET = 20
 WORKER_TIMEOUT_S = 3600
 
 
-def peak_rss_mib() -> float:
-    """Return the peak resident set size of this process in MiB (VmHWM, or ru_maxrss where /proc is missing)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def available_memory_mib() -> float:
     """Return MemAvailable from /proc/meminfo in MiB (0 where it cannot be read, which skips large scikit-learn runs)."""
     try:
@@ -92,18 +81,6 @@ def available_memory_mib() -> float:
     except OSError:
         pass
     return 0.0
-
-
-def cpu_model() -> str:
-    """Return the CPU model name from /proc/cpuinfo, or the platform's processor string."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def generate_chunks(n_pixels: int, seed: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

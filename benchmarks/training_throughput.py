@@ -23,7 +23,6 @@ import argparse
 import logging
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ import torch
 REPOSITORY = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPOSITORY))
 
+from machine import cpu_model, peak_rss_mib  # noqa: E402  (benchmarks/machine.py, beside this script)
 from sfae.io import write_json  # noqa: E402
 from sfae.models.feature_extractor import DEFAULT_LAYERS, LAYER_NAMES  # noqa: E402
 from sfae.models.sfae import SFAE  # noqa: E402
@@ -70,26 +70,7 @@ def peak_memory_mib(device: torch.device) -> float:
     """Return the peak GPU memory allocated by PyTorch, or the process's peak resident set on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def cpu_name() -> str:
-    """Return the CPU model name from /proc/cpuinfo, or the architecture where it is missing."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return peak_rss_mib()
 
 
 def measure(arguments: argparse.Namespace) -> dict:
@@ -137,7 +118,7 @@ def measure(arguments: argparse.Namespace) -> dict:
     median = statistics.median(durations)
     return {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_name()}, {os.cpu_count()} logical CPUs",
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{cpu_model()}, {os.cpu_count()} logical CPUs",
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "batch_size": arguments.batch_size,
