@@ -10,7 +10,7 @@ with rule_logging(snakemake):
     torch.set_num_threads(snakemake.threads)
     evaluation = snakemake.params.evaluation
     device = resolve_device(snakemake.params.device)
-    method = load_trained_method(snakemake.input.model, device=device)
+    method = load_trained_method(snakemake.input.model, device=snakemake.params.device)
     evaluate_files(
         method,
         snakemake.input.val,
