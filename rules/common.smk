@@ -203,8 +203,15 @@ def get_method_training(wildcards):
 
 
 def get_method_settings(wildcards):
-    """A method's own settings, without the training overrides."""
-    return {key: value for key, value in config["methods"][wildcards.method].items() if key not in ("steps", "batch_size")}
+    """A method's own settings, without the training overrides.
+
+    f-AnoGAN splits its steps between the GAN and the encoder, so it also gets
+    the number of steps of its run as ``total_steps``.
+    """
+    settings = {key: value for key, value in config["methods"][wildcards.method].items() if key not in ("steps", "batch_size")}
+    if wildcards.method == "fanogan":
+        settings["total_steps"] = get_method_training(wildcards)["steps"]
+    return settings
 
 
 def get_data_note(wildcards):

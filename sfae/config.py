@@ -75,10 +75,10 @@ def validate_config(config: Any, source: str = "the configuration") -> None:
     errors = sorted(validator.iter_errors(config), key=lambda error: (len(error.absolute_path), list(map(str, error.absolute_path))))
     if errors:
         error = errors[0]
-        if error.validator == "additionalProperties":
+        if error.validator in ("additionalProperties", "unevaluatedProperties"):
             raise ConfigError(f"{source}: unknown key at {_key_path(error)}: {error.message}; see config/schema.yaml for the valid keys")
         message = error.message
-        if error.validator in ("oneOf", "anyOf") and "description" in error.schema:
+        if error.validator in ("oneOf", "anyOf", "not") and "description" in error.schema:
             # "is not valid under any of the given schemas" does not say what is valid.
             allowed = " ".join(error.schema["description"].split())
             message = f"{error.instance!r} is not allowed here. {allowed}"

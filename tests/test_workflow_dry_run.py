@@ -31,12 +31,12 @@ def test_workflow_demo_dry_run_job_counts(tmp_path):
         "registration_qc": 1,
         "make_split": 3,
         "add_anomalies": 2,
-        # SFAE and Random, five seeds each.
-        "train_method": 10,
-        "evaluate_method": 10,
+        # SFAE, the nine baselines and the Random floor, five seeds each.
+        "train_method": 55,
+        "evaluate_method": 55,
         "aggregate_experiment": 1,
         "all": 1,
-        "total": 51,
+        "total": 141,
     }
 
 
@@ -64,9 +64,9 @@ def test_workflow_paper_dry_run_job_counts(tmp_path, paper_data_root):
     assert counts["registration_qc"] == 3
     assert counts["fetch_atlas"] == 1
     assert "fetch_demo_volumes" not in counts
-    # Two experiments (MOOD; Cam-CAN to BraTS) x two methods x five seeds.
-    assert counts["train_method"] == 20
-    assert counts["evaluate_method"] == 20
+    # Two experiments (MOOD; Cam-CAN to BraTS) x eleven methods x five seeds.
+    assert counts["train_method"] == 110
+    assert counts["evaluate_method"] == 110
     assert counts["aggregate_experiment"] == 2
     relative = output.replace(str(tmp_path) + "/", "")
     assert "results/mood/splits/test_sink.npz" in relative
@@ -100,9 +100,9 @@ def job_resources(output: str, rule: str) -> list[str]:
 
 def test_workflow_slurm_profile_dry_run(tmp_path):
     output = dry_run(tmp_path, "--profile", "slurm", "--cores", "64")
-    assert job_counts(output)["total"] == 51
+    assert job_counts(output)["total"] == 141
     training = job_resources(output, "train_method")
-    assert len(training) == 10
+    assert len(training) == 55
     assert all("slurm_partition=SET:gpu_partition" in line and "gpu=1" in line for line in training)
     registration = job_resources(output, "register")
     assert len(registration) == 7
@@ -134,6 +134,11 @@ def test_workflow_rerun_one_method_schedules_only_its_jobs(tmp_path):
         Path(path).touch()
     assert "Nothing to be done" in run_snakemake("-n", "--cores", "2", "--config", *config).stdout
 
-    models = [str(results / "experiments" / "demo" / "random" / f"seed{seed}" / "model.pt") for seed in range(5)]
-    counts = job_counts(run_snakemake("-n", "--cores", "2", "--config", *config, "--forcerun", *models).stdout)
+    # The README's command: force the five training jobs of one baseline, with the SLURM profile.
+    models = [str(results / "experiments" / "demo" / "ae_mse" / f"seed{seed}" / "model.pt") for seed in range(5)]
+    rerun = run_snakemake("-n", "--profile", "slurm", "--cores", "64", "--config", *config, "--forcerun", *models).stdout
+    counts = job_counts(rerun)
     assert counts == {"train_method": 5, "evaluate_method": 5, "aggregate_experiment": 1, "all": 1, "total": 12}
+    scheduled = [line.split(":", 1)[1].strip() for line in rerun.splitlines() if line.strip().startswith("output:")]
+    method_outputs = [path for path in scheduled if "/report/" not in path]
+    assert method_outputs and all("/demo/ae_mse/seed" in path for path in method_outputs), method_outputs

@@ -108,7 +108,8 @@ def small_study(tmp_path_factory, demo_files):
     config["datasets"]["mood"]["anomalies"]["radius_px"] = [5.0, 10.0]
     config["datasets"]["brats2020"]["split"] = {"train": 0, "val": 1, "test": "rest"}
     config["training"].update(seeds=[0, 1], steps=3, batch_size=8, checkpoint_every=2, threads=1, gpus=0, device="cpu")
-    config["methods"]["sfae"]["weights"] = "random"
+    for method in ("sfae", "dfr", "dfr_ssim"):
+        config["methods"][method]["weights"] = "random"
     config["evaluation"].update(batch_size=16, examples=2)
     config_path = root / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -210,20 +211,24 @@ def test_workflow_run_preprocessing_resumes_after_kill(small_study):
 
 @pytest.mark.slow
 def test_workflow_run_trains_evaluates_reports(small_study):
-    """Both experiments, SFAE and Random, two seeds of three steps: models, metrics and reports."""
+    """Both experiments, every method of the paper configuration, two seeds of three steps: models, metrics and reports."""
     root, config_path = small_study
     results = root / "results"
+    methods = set(yaml.safe_load(config_path.read_text())["methods"])
+    assert len(methods) == 11
     run(snakemake_command(config_path))
 
     for experiment in ("mood", "brats"):
         report = results / "experiments" / experiment / "report"
         summary = (report / "summary.md").read_text()
-        assert "| random |" in summary
-        assert "| sfae |" in summary
-        assert "Feature-extractor weights: sfae: random" in summary
-        assert len(pd.read_csv(report / "results_per_seed.csv")) == 4
+        for method in methods:
+            assert f"| {method} |" in summary
+        assert "Feature-extractor weights: dfr: random, dfr_ssim: random, sfae: random" in summary
+        per_seed = pd.read_csv(report / "results_per_seed.csv")
+        assert len(per_seed) == 2 * len(methods)
+        assert per_seed["pixel_ap"].between(0.0, 1.0).all()
         t_tests = pd.read_csv(report / "t_tests.csv")
-        assert set(t_tests["method"]) == {"random"}
+        assert set(t_tests["method"]) == methods - {"sfae"}
         for figure in ("bar_chart.png", "qualitative.png"):
             assert (report / figure).stat().st_size > 1000
 
