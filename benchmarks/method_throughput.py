@@ -13,6 +13,7 @@ phase. Statistical methods (BM, Random) report the time of one fit on
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import time
@@ -31,15 +32,28 @@ LEARNING_RATE = 0.0002
 OFFLINE_SETTINGS = {"sfae": {"weights": "random"}, "dfr": {"weights": "random"}, "dfr_ssim": {"weights": "random"}}
 
 
-def phase_starts(name: str, steps: int) -> list[int]:
-    """Return the step numbers at which timing starts: one per training phase of the method."""
-    return [0]
+def method_settings(name: str, overrides: dict[str, dict]) -> dict:
+    """Return the benchmark settings of a method: the offline defaults updated by ``--settings``."""
+    return {**OFFLINE_SETTINGS.get(name, {}), **overrides.get(name, {})}
 
 
-def time_steps(name: str, batch: torch.Tensor, masks: torch.Tensor, first_step: int, warmup: int, steps: int) -> float:
+def training_phases(name: str, size: int, overrides: dict[str, dict]) -> list[tuple[str, int]]:
+    """Return ``(label, first step)`` of each training phase of a method.
+
+    f-AnoGAN takes GAN steps first and encoder steps from ``gan_steps`` on.
+    Every other method has one phase.
+    """
+    method = build_method(name, method_settings(name, overrides), seed=0, image_size=size)
+    gan_steps = getattr(getattr(method, "config", None), "gan_steps", None)
+    if gan_steps is None:
+        return [("training", 0)]
+    return [("GAN steps", 0), ("encoder steps", gan_steps)]
+
+
+def time_steps(name: str, settings: dict, batch: torch.Tensor, masks: torch.Tensor, first_step: int, warmup: int, steps: int) -> float:
     """Return images per second of ``steps`` training steps starting at ``first_step``, after ``warmup`` steps."""
     torch.manual_seed(0)
-    method = build_method(name, OFFLINE_SETTINGS.get(name, {}), seed=0, image_size=batch.shape[-1]).to(batch.device)
+    method = build_method(name, settings, seed=0, image_size=batch.shape[-1]).to(batch.device)
     method.train()
     optimizers = method.configure_optimizers(LEARNING_RATE)
     for step in range(first_step, first_step + warmup):
@@ -75,6 +89,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--fit-slices", type=int, default=5120, help="slices for the fit of statistical methods")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument(
+        "--settings", type=json.loads, default={}, help='method settings as JSON, for example \'{"fanogan": {"channels": [16, 32, 64, 64, 128, 128]}}\''
+    )
     parser.add_argument("--output", type=Path, required=True, help="Markdown file to write")
     arguments = parser.parse_args()
     configure_cli_logging()
@@ -89,13 +106,14 @@ def main() -> None:
     for name in arguments.methods:
         if not METHODS[name].trainable:
             seconds = time_fit(name, arguments.fit_slices, arguments.size, device)
-            rows.append(f"| {name} | fit | {arguments.fit_slices / seconds:.1f} (fit of {arguments.fit_slices} slices in {seconds:.2f} s) |")
+            rows.append(f"| {name} | fit | defaults | {arguments.fit_slices / seconds:.1f} (fit of {arguments.fit_slices} slices in {seconds:.2f} s) |")
             logger.info("%s: fit of %d slices in %.2f s", name, arguments.fit_slices, seconds)
             continue
-        for phase, first_step in enumerate(phase_starts(name, arguments.steps)):
-            rate = time_steps(name, batch, masks, first_step, arguments.warmup, arguments.steps)
-            label = "training" if phase == 0 else f"phase from step {first_step}"
-            rows.append(f"| {name} | {label} | {rate:.1f} |")
+        settings = method_settings(name, arguments.settings)
+        for label, first_step in training_phases(name, arguments.size, arguments.settings):
+            rate = time_steps(name, settings, batch, masks, first_step, arguments.warmup, arguments.steps)
+            changed = json.dumps(arguments.settings[name]) if name in arguments.settings else "defaults"
+            rows.append(f"| {name} | {label} | {changed} | {rate:.1f} |")
             logger.info("%s (%s): %.1f images/s", name, label, rate)
 
     lines = [
@@ -103,8 +121,8 @@ def main() -> None:
         f"{device} ({platform.processor() or platform.machine()}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads); {arguments.steps} timed steps after {arguments.warmup} warm-up steps.",
         "",
-        "| method | phase | images/s |",
-        "| --- | --- | ---: |",
+        "| method | phase | settings | images/s |",
+        "| --- | --- | --- | ---: |",
         *rows,
     ]
     with atomic_output(arguments.output) as temporary:
