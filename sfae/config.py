@@ -72,7 +72,12 @@ def validate_config(config: Any, source: str = "the configuration") -> None:
     """
     # 1. The schema: types, ranges, enums, unknown keys.
     validator = jsonschema.Draft202012Validator(load_schema())
-    errors = sorted(validator.iter_errors(config), key=lambda error: (len(error.absolute_path), list(map(str, error.absolute_path))))
+    # An invalid value inside an allOf also makes every key of that branch
+    # "unevaluated", so those errors come last: the invalid value is the cause.
+    errors = sorted(
+        validator.iter_errors(config),
+        key=lambda error: (error.validator == "unevaluatedProperties", len(error.absolute_path), list(map(str, error.absolute_path))),
+    )
     if errors:
         error = errors[0]
         if error.validator in ("additionalProperties", "unevaluatedProperties"):

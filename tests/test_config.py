@@ -215,3 +215,40 @@ def test_config_paper_training_budget(paper_config):
     assert paper_config["training"]["learning_rate"] == 0.0002
     assert paper_config["training"]["seeds"] == [0, 1, 2, 3, 4]
     assert paper_config["methods"]["sfae"]["weights"] == "imagenet"
+
+
+@pytest.mark.parametrize(
+    ("method", "key", "value", "message"),
+    [
+        ("ae_ssim", "window_size", 10, r"methods\.ae_ssim\.window_size: 10 is not allowed here\. .*an odd number"),
+        ("dfr_ssim", "window_size", 4, r"methods\.dfr_ssim\.window_size: 4 is not allowed here\. .*an odd number"),
+        ("vae", "combi_window_size", 6, r"methods\.vae\.combi_window_size: 6 is not allowed here\. .*an odd number"),
+        ("vae", "normalization", "group", r"methods\.vae\.normalization"),
+        ("fpi", "image_score", "max", r"methods\.fpi\.image_score"),
+        ("pii", "alpha_range", [0.5], r"methods\.pii\.alpha_range"),
+        ("fanogan", "gan_fraction", 1.0, r"methods\.fanogan\.gan_fraction"),
+        ("dfr", "layers", ["relu6_1"], r"methods\.dfr\.layers\.0"),
+        ("bm", "std_floor", 0.0, r"methods\.bm\.std_floor"),
+    ],
+)
+def test_config_baseline_setting_checked(demo_config, method, key, value, message):
+    demo_config["methods"][method][key] = value
+    with pytest.raises(ConfigError, match=message):
+        validate_config(demo_config)
+
+
+@pytest.mark.parametrize(
+    ("method", "key"),
+    [
+        # The workflow sets f-AnoGAN's total_steps from the run's steps.
+        ("fanogan", "total_steps"),
+        # window_size belongs to dfr_ssim only, although both share the dfr settings.
+        ("dfr", "window_size"),
+        ("dfr_ssim", "windows"),
+        ("bm", "steps"),
+    ],
+)
+def test_config_baseline_unknown_setting_rejected(demo_config, method, key):
+    demo_config["methods"][method][key] = 5
+    with pytest.raises(ConfigError, match=rf"unknown key at methods\.{method}: .*'{key}' was unexpected"):
+        validate_config(demo_config)

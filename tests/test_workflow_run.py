@@ -241,6 +241,11 @@ def test_workflow_run_trains_evaluates_reports(small_study):
     assert metrics["counts"]["test"]["anomalous_pixels"] > 0
     training = json.loads((run_folder / "training.json").read_text())
     assert training["steps"] == 3
+    # The workflow passes the run's 3 steps to f-AnoGAN: 2 GAN steps (half, rounded up), then 1 encoder step.
+    fanogan = json.loads((results / "experiments" / "mood" / "fanogan" / "seed0" / "metrics.json").read_text())["description"]
+    assert fanogan["total_steps"] == 3
+    assert fanogan["gan_steps_done"] == 2
+    assert fanogan["encoder_steps_done"] == 1
     assert len(pd.read_csv(run_folder / "loss.csv")) == 3
     assert not (run_folder / "checkpoint" / "last.pt").exists()
     dry = run(snakemake_command(config_path, "-n"))
