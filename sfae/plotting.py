@@ -106,58 +106,65 @@ def plot_qualitative(
     title: str,
     path: str | os.PathLike[str],
 ) -> None:
-    """Draw example slices: input, ground truth, then per method its anomaly map and the map thresholded.
+    """Draw example slices: input and ground truth, then per method its anomaly map and the map thresholded.
 
-    Only brain pixels are shown in the maps and predicted in the thresholded
-    maps, as in the metrics. A pixel is predicted anomalous when its
-    float16-rounded map value is at least the threshold. Each method's maps
-    share one colour scale, from the lowest to the highest brain pixel over
-    the shown slices. The ground truth is outlined in green on the thresholded maps.
+    The first row shows each slice and its ground truth side by side. Each
+    further row belongs to one method and shows, under every slice, its anomaly
+    map and the map thresholded, so the figure grows downward with the number
+    of methods and keeps a page-like shape. Only brain pixels are shown in the
+    maps and predicted in the thresholded maps, as in the metrics. A pixel is
+    predicted anomalous when its float16-rounded map value is at least the
+    threshold. Each method's maps share one colour scale, from the lowest to
+    the highest brain pixel over the shown slices. The ground truth is outlined
+    in green on the thresholded maps.
 
     Args:
         images: float (k, H, W) input slices in [0, 1].
         labels: bool (k, H, W) ground truth.
         masks: bool (k, H, W) brain masks.
-        maps: Method to its float (k, H, W) anomaly maps; the dict order is the column order.
+        maps: Method to its float (k, H, W) anomaly maps; the dict order is the row order.
         thresholds: Method to the threshold applied; NaN leaves the thresholded map empty.
         row_titles: One label per slice (for example subject and slice index).
         title: Figure title (wrapped when long).
         path: PNG file to write.
     """
     count, methods = len(images), list(maps)
-    columns = 2 + 2 * len(methods)
+    rows, columns = 1 + len(methods), 2 * count
     # The constrained layout leaves room for the wrapped title above the column headers.
-    figure = Figure(figsize=(1.45 * columns, 1.45 * count + 1.2), layout="constrained")
-    axes = figure.subplots(count, columns, squeeze=False)
+    figure = Figure(figsize=(1.45 * columns + 0.6, 1.45 * rows + 1.2), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False)
     brain_labels = labels & masks
 
-    headers = ["input", "ground truth"]
-    for method in methods:
-        threshold = thresholds[method]
-        headers += [f"{method}\nmap", f"{method}\n≥ {threshold:.4g}" if math.isfinite(threshold) else f"{method}\nthreshold {threshold}"]
-    for column, header in enumerate(headers):
-        axes[0, column].set_title(header, fontsize=7)
+    # 1. The first row: each slice and its ground truth.
+    for slice_number in range(count):
+        input_axes, truth_axes = axes[0, 2 * slice_number], axes[0, 2 * slice_number + 1]
+        input_axes.set_title(f"{row_titles[slice_number]}\ninput", fontsize=7)
+        truth_axes.set_title("ground truth", fontsize=7)
+        input_axes.imshow(images[slice_number], cmap="gray", vmin=0.0, vmax=1.0)
+        truth_axes.imshow(images[slice_number], cmap="gray", vmin=0.0, vmax=1.0)
+        truth_axes.imshow(_overlay(brain_labels[slice_number], PREDICTION_COLOR))
 
-    for row in range(count):
-        axes[row, 0].imshow(images[row], cmap="gray", vmin=0.0, vmax=1.0)
-        axes[row, 0].set_ylabel(row_titles[row], fontsize=7)
-        axes[row, 1].imshow(images[row], cmap="gray", vmin=0.0, vmax=1.0)
-        axes[row, 1].imshow(_overlay(brain_labels[row], PREDICTION_COLOR))
-
+    # 2. One row per method: map and thresholded map under each slice.
     for index, method in enumerate(methods):
+        row = 1 + index
         rounded = round_float16(maps[method])
         brain_values = rounded[masks & np.isfinite(rounded)]
         low, high = (float(brain_values.min()), float(brain_values.max())) if brain_values.size else (0.0, 1.0)
         threshold = thresholds[method]
-        for row in range(count):
-            map_axes, threshold_axes = axes[row, 2 + 2 * index], axes[row, 3 + 2 * index]
-            map_axes.imshow(np.ma.masked_where(~masks[row], rounded[row]), cmap=MAP_COLORMAP, vmin=low, vmax=high if high > low else low + 1)
+        threshold_text = f"≥ {threshold:.4g}" if math.isfinite(threshold) else f"threshold {threshold}"
+        axes[row, 0].set_ylabel(f"{method}\nmap | {threshold_text}", fontsize=7)
+        for slice_number in range(count):
+            map_axes, threshold_axes = axes[row, 2 * slice_number], axes[row, 2 * slice_number + 1]
+            map_axes.imshow(np.ma.masked_where(~masks[slice_number], rounded[slice_number]), cmap=MAP_COLORMAP, vmin=low, vmax=high if high > low else low + 1)
             map_axes.set_facecolor("black")
-            predicted = (rounded[row] >= threshold) & masks[row] if not math.isnan(threshold) else np.zeros_like(masks[row])
-            threshold_axes.imshow(images[row], cmap="gray", vmin=0.0, vmax=1.0)
+            if math.isnan(threshold):
+                predicted = np.zeros_like(masks[slice_number])
+            else:
+                predicted = (rounded[slice_number] >= threshold) & masks[slice_number]
+            threshold_axes.imshow(images[slice_number], cmap="gray", vmin=0.0, vmax=1.0)
             threshold_axes.imshow(_overlay(predicted, PREDICTION_COLOR))
-            if brain_labels[row].any():
-                threshold_axes.contour(brain_labels[row].astype(np.float32), levels=[0.5], colors=LABEL_CONTOUR_COLOR, linewidths=0.6)
+            if brain_labels[slice_number].any():
+                threshold_axes.contour(brain_labels[slice_number].astype(np.float32), levels=[0.5], colors=LABEL_CONTOUR_COLOR, linewidths=0.6)
 
     for axis in axes.ravel():
         axis.set_xticks([])
