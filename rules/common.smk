@@ -17,7 +17,7 @@ REPOSITORY = Path(workflow.basedir).resolve()
 sys.path.insert(0, str(REPOSITORY))
 
 from sfae import demo_data
-from sfae.config import SPLITS, ConfigError, evaluation_datasets, training_datasets, validate_config
+from sfae.config import FITTED_METHODS, SPLITS, ConfigError, evaluation_datasets, training_datasets, validate_config
 from sfae.io import InvalidInputError
 from sfae.layouts import SUBJECT_ID_PATTERN, discover_subjects
 from sfae.splits import assign_splits
@@ -84,6 +84,10 @@ for _dataset in USED_DATASETS:
 
 EXPERIMENTS = sorted(config["experiments"])
 METHODS = list(config["methods"])
+# Wildcard patterns of the methods trained by gradient steps and of the fitted
+# ones; "(?!)" matches nothing when a group is empty.
+TRAINED_METHOD_PATTERN = "|".join(method for method in METHODS if method not in FITTED_METHODS) or "(?!)"
+FITTED_METHOD_PATTERN = "|".join(method for method in METHODS if method in FITTED_METHODS) or "(?!)"
 SEEDS = config["training"]["seeds"]
 
 

@@ -2,7 +2,7 @@
 
 
 rule train_method:
-    """Train one method with one seed on the training split of the experiment's training data set.
+    """Train one method by gradient steps with one seed on the training split of the experiment's training data set.
 
     Requests a GPU through the resource "gpu" (training.gpus), so the SLURM
     profile sends it to the GPU partition; locally it runs on whatever device
@@ -16,6 +16,8 @@ rule train_method:
         report=f"{RUN}/training.json",
         loss_csv=f"{RUN}/loss.csv",
         loss_png=f"{RUN}/loss.png",
+    wildcard_constraints:
+        method=TRAINED_METHOD_PATTERN,
     params:
         settings=get_method_settings,
         training=get_method_training,
@@ -34,6 +36,21 @@ rule train_method:
         "../envs/methods.yaml"
     script:
         "../workflow/scripts/train_method.py"
+
+
+# Statistical methods (BM, Random) are fitted in one pass over the slices: the
+# same job as train_method, but without a GPU request, so that the SLURM
+# profile keeps it on the CPU partition.
+use rule train_method as fit_method with:
+    wildcard_constraints:
+        method=FITTED_METHOD_PATTERN,
+    log:
+        f"{LOGS}/experiments/{{experiment}}/{{method}}/seed{{seed}}/fit_method.log",
+    benchmark:
+        f"{BENCHMARKS}/experiments/{{experiment}}/{{method}}/seed{{seed}}/fit_method.tsv"
+    resources:
+        mem_mb=lambda wildcards, input: int(3 * input.size_mb) + 4000,
+        runtime=60,
 
 
 rule evaluate_method:

@@ -22,6 +22,11 @@ logger = logging.getLogger(__name__)
 REPOSITORY = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPOSITORY / "config" / "schema.yaml"
 SPLITS = ("train", "val", "test")
+# Methods fitted once on the training slices instead of trained by gradient
+# steps (``trainable = False`` in :mod:`sfae.models`). The workflow fits them in
+# a rule without a GPU. The list lives here, so that building the job graph
+# does not import torch.
+FITTED_METHODS = frozenset({"bm", "random"})
 
 # Keys that describe a data set's files; the demo layout fixes them per volume.
 FILE_KEYS = ("path", "skull_stripped", "registered", "segmentations")

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sfae.config import ConfigError, dataset_root, load_config, validate_config
+from sfae.config import FITTED_METHODS, ConfigError, dataset_root, load_config, validate_config
+from sfae.models import METHODS
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 
@@ -252,3 +253,8 @@ def test_config_baseline_unknown_setting_rejected(demo_config, method, key):
     demo_config["methods"][method][key] = 5
     with pytest.raises(ConfigError, match=rf"unknown key at methods\.{method}: .*'{key}' was unexpected"):
         validate_config(demo_config)
+
+
+def test_fitted_methods_match_registry():
+    """The workflow's list of fitted methods (no GPU job) is the registry's set of non-trainable methods."""
+    assert FITTED_METHODS == {name for name, method in METHODS.items() if not method.trainable}

@@ -31,8 +31,10 @@ def test_workflow_demo_dry_run_job_counts(tmp_path):
         "registration_qc": 1,
         "make_split": 3,
         "add_anomalies": 2,
-        # SFAE, the nine baselines and the Random floor, five seeds each.
-        "train_method": 55,
+        # SFAE, the nine baselines and the Random floor, five seeds each;
+        # BM and Random are fitted, not trained.
+        "train_method": 45,
+        "fit_method": 10,
         "evaluate_method": 55,
         "aggregate_experiment": 1,
         "all": 1,
@@ -65,7 +67,8 @@ def test_workflow_paper_dry_run_job_counts(tmp_path, paper_data_root):
     assert counts["fetch_atlas"] == 1
     assert "fetch_demo_volumes" not in counts
     # Two experiments (MOOD; Cam-CAN to BraTS) x eleven methods x five seeds.
-    assert counts["train_method"] == 110
+    assert counts["train_method"] == 90
+    assert counts["fit_method"] == 20
     assert counts["evaluate_method"] == 110
     assert counts["aggregate_experiment"] == 2
     relative = output.replace(str(tmp_path) + "/", "")
@@ -102,8 +105,11 @@ def test_workflow_slurm_profile_dry_run(tmp_path):
     output = dry_run(tmp_path, "--profile", "slurm", "--cores", "64")
     assert job_counts(output)["total"] == 141
     training = job_resources(output, "train_method")
-    assert len(training) == 55
+    assert len(training) == 45
     assert all("slurm_partition=SET:gpu_partition" in line and "gpu=1" in line for line in training)
+    fitting = job_resources(output, "fit_method")
+    assert len(fitting) == 10
+    assert all("slurm_partition=SET:cpu_partition" in line and "gpu=" not in line for line in fitting)
     registration = job_resources(output, "register")
     assert len(registration) == 7
     assert all("slurm_partition=SET:cpu_partition" in line and "gpu=" not in line for line in registration)
