@@ -76,7 +76,8 @@ def test_networks_output_shapes_and_range():
         fakes = generator(torch.randn(3, 16))
     assert fakes.shape == (3, 1, SIZE, SIZE)
     assert fakes.dtype == torch.float32
-    assert 0.0 <= float(fakes.min()) and float(fakes.max()) <= 1.0
+    assert float(fakes.min()) >= 0.0
+    assert float(fakes.max()) <= 1.0
     assert critic(images).shape == (3,)
     assert critic.features(images).shape == (3, 32 * 8 * 8)
     assert encoder(images).shape == (3, 16)
@@ -311,7 +312,8 @@ def test_predict_maps_and_scores_match_izif_per_slice():
     prediction = method.predict(images, images > 0.5)
 
     assert prediction.maps.shape == (4, 1, SIZE, SIZE)
-    assert prediction.maps.dtype == torch.float32 and prediction.scores.dtype == torch.float32
+    assert prediction.maps.dtype == torch.float32
+    assert prediction.scores.dtype == torch.float32
     assert torch.isfinite(prediction.maps).all()
     network = method.network
     with torch.no_grad():
@@ -446,5 +448,6 @@ def test_training_and_predict_on_cuda():
 
     prediction = method.eval().predict(images, None)
 
-    assert prediction.maps.device.type == "cuda" and prediction.scores.device.type == "cuda"
+    assert prediction.maps.device.type == "cuda"
+    assert prediction.scores.device.type == "cuda"
     assert torch.isfinite(prediction.maps).all()

@@ -63,7 +63,7 @@ def test_foreign_patch_interpolation_matches_loop_reference():
     torch.testing.assert_close(label, expected_label, rtol=0, atol=0)
 
 
-def test_foreign_patch_interpolation_label_is_alpha_inside_zero_outside():
+def test_fpi_blend_label_alpha_inside():
     x1, x2 = random_pair(batch=1, size=16)
     top_left, size, alpha = patches((3, 5, 6, 7, 0.42))
 
@@ -97,7 +97,7 @@ def test_foreign_patch_interpolation_alpha_zero_returns_x1():
     assert torch.all(label == 0)
 
 
-def test_foreign_patch_interpolation_alpha_one_gives_x2_in_patch():
+def test_fpi_blend_alpha_one_copies_patch():
     x1, x2 = random_pair(dtype=torch.float32)
     top_left, size, _ = patches((1, 1, 5, 5, 1.0), (2, 0, 6, 8, 1.0))
 
@@ -177,7 +177,9 @@ def test_sample_patches_lie_inside_with_margin():
 
     top_left, size, alpha = sample_patches(4000, 128)
 
-    assert top_left.dtype == torch.int64 and size.dtype == torch.int64 and alpha.dtype == torch.float32
+    assert top_left.dtype == torch.int64
+    assert size.dtype == torch.int64
+    assert alpha.dtype == torch.float32
     assert torch.equal(size[:, 0], size[:, 1])  # squares
     assert size.min() == 13
     assert size.max() == 51
@@ -284,7 +286,8 @@ def test_fpi_predict_shapes_and_brain_mean_scores():
     assert maps.dtype == torch.float32
     assert not maps.requires_grad
     assert torch.isfinite(maps).all()
-    assert maps.min() >= 0 and maps.max() <= 1
+    assert maps.min() >= 0
+    assert maps.max() <= 1
     assert prediction.scores.shape == (3,)
     torch.testing.assert_close(prediction.scores[0], maps[0, 0, 10:40, 10:40].mean())
     torch.testing.assert_close(prediction.scores[1], maps[1].mean())

@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_STD_FLOOR = 0.01
 # Smallest floor whose largest possible z-score (1 / floor) still fits into float16.
 MIN_STD_FLOOR = 1.0 / 65504.0
-# Fewest samples for a standard deviation with Bessel's correction.
+# Minimum number of samples for a standard deviation with Bessel's correction.
 MIN_SAMPLES = 2
 # Slices accumulated per step of the fit; two float64 buffers of 256 slices of 128 x 128 take 64 MiB.
 FIT_CHUNK_SLICES = 256

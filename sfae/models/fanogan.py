@@ -19,11 +19,10 @@ Sources opened, and the choices taken from them:
   a 1x1 convolution. An upsampling block is BatchNorm, ReLU, upsampling, 3x3
   convolution, BatchNorm, ReLU and a 3x3 convolution, plus a shortcut of
   upsampling and a 1x1 convolution. Here the 1x1 convolutions run at the lower
-  resolution of each block (average pooling first, or upsampling after), which
-  computes the same function at a quarter of the cost, because a 1x1
+  resolution of each block (average pooling first, or upsampling after). A 1x1
   convolution commutes with average pooling and with nearest-neighbour
-  upsampling. The same code uses one critic update per
-  generator update, Adam with betas (0.0, 0.9) for all three networks, He
+  upsampling, so this computes the same function at a quarter of the cost.
+  The same code uses one critic update per generator update, Adam with betas (0.0, 0.9) for all three networks, He
   normal initialization of convolutions, Xavier uniform initialization of the
   linear layers, and zero biases. It trains 10,000 GAN steps and then 10,000
   encoder steps, so ``gan_fraction`` 0.5 splits the budget in the same ratio.
@@ -372,7 +371,8 @@ class FAnoGANMethod(AnomalyMethod):
 
     Settings (config ``methods.fanogan``): see :class:`FAnoGANSettings`. The
     method cannot see the run's ``training.steps``, so ``total_steps`` must be
-    set to it for the phases to split the run as ``gan_fraction`` says.
+    set to it for the phases to split the run by ``gan_fraction``. The workflow
+    does that (rules/common.smk).
 
     Attributes:
         config: The validated :class:`FAnoGANSettings`.

@@ -423,7 +423,7 @@ class PatchInterpolationNet(nn.Module):
         self.encoder = nn.ModuleList([ResidualBlock(width, width)])
         self.encoder.extend(ResidualBlock(channels[level - 1], channels[level], stride=2) for level in range(1, depth + 1))
 
-        # 2. Decoder: from the bottleneck up, each block sees the upsampled input and the skip connection.
+        # 2. Decoder: from the bottleneck up, each block takes the upsampled input and the skip connection.
         self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
         self.decoder = nn.ModuleList(ResidualBlock(channels[level] + channels[level - 1], channels[level - 1]) for level in range(depth, 0, -1))
         self.head = nn.Sequential(nn.BatchNorm2d(width), nn.ReLU(), nn.Conv2d(width, 1, 1))

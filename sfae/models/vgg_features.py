@@ -22,7 +22,7 @@ Choices and their sources:
   DFR authors' own VGG pads by reflection.
 - Inputs in [0, 1] are mapped to [-1, 1] and the grey channel is repeated to
   RGB, as in :mod:`sfae.models.feature_extractor`, so that every feature
-  method sees the same input. The SFAE reference code's DFR passes [0, 1]
+  method gets the same input. The SFAE reference code's DFR passes [0, 1]
   unchanged, and the DFR authors normalize with the ImageNet mean and
   standard deviation (DFR-source/MVTec.py).
 
